@@ -9,9 +9,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from cogrpo_lightning.schedule.predefined import PredefinedSchedule
 
 
 @dataclass
@@ -99,6 +103,12 @@ class MaskedDiffusionModel(nn.Module, ABC):
     @abstractmethod
     def decode(self, token_ids: Tensor) -> Tensor:
         """Decode complete token grids [N, L] into images [N, 3, H, W], float in [0, 1]."""
+
+    def default_schedule(self) -> PredefinedSchedule:
+        """Return the backend's hand-designed sampling schedule (the one a zero action reproduces)."""
+        from cogrpo_lightning.schedule.predefined import PredefinedSchedule
+
+        return PredefinedSchedule()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the RL update trains (by default every parameter with requires_grad)."""
