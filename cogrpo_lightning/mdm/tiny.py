@@ -75,11 +75,23 @@ class TinyMDM(MaskedDiffusionModel):
     """Tiny text-to-image MDM over the shapes world; see the module docstring.
 
     Args:
-        config: architecture sizes.
+        config: architecture sizes; None uses the defaults, or the checkpoint's when
+            `checkpoint_dir` is given.
+        checkpoint_dir: directory written by :meth:`save_pretrained` whose weights are loaded;
+            ``"shipped"`` loads the checkpoint that ships with the package. None keeps random weights.
     """
 
-    def __init__(self, config: TinyMDMConfig | None = None) -> None:
+    def __init__(self, config: TinyMDMConfig | None = None, checkpoint_dir: str | None = None) -> None:
         super().__init__()
+        directory = None
+        if checkpoint_dir is not None:
+            directory = DEFAULT_CHECKPOINT if checkpoint_dir == "shipped" else Path(checkpoint_dir)
+            saved = _read_config(directory)
+            if config is not None and config != saved:
+                raise ValueError(
+                    f"config {config} differs from the checkpoint's {saved} in {directory}; pass only checkpoint_dir"
+                )
+            config = saved
         self.config = config = config or TinyMDMConfig()
         self.codebook_size = world.CODEBOOK_SIZE
         self.mask_token_id = world.CODEBOOK_SIZE
@@ -106,6 +118,10 @@ class TinyMDM(MaskedDiffusionModel):
 
         nn.init.normal_(self.text_position, std=0.02)
         nn.init.normal_(self.image_position, std=0.02)
+        if directory is not None:
+            from safetensors.torch import load_file
+
+            self.load_state_dict(load_file(str(directory / "model.safetensors")))
 
     @property
     def feature_dim(self) -> int:
@@ -158,16 +174,14 @@ class TinyMDM(MaskedDiffusionModel):
     @classmethod
     def from_pretrained(cls, directory: str | Path | None = None) -> TinyMDM:
         """Load a model written by :meth:`save_pretrained`; None loads the checkpoint shipped in the package."""
-        from safetensors.torch import load_file
+        return cls(checkpoint_dir=str(directory) if directory is not None else "shipped")
 
-        directory = Path(directory) if directory is not None else DEFAULT_CHECKPOINT
-        config_file, weights_file = directory / "config.json", directory / "model.safetensors"
-        for path in (config_file, weights_file):
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"tiny MDM checkpoint file not found: {path}; pass a directory written by "
-                    "TinyMDM.save_pretrained, or None for the shipped checkpoint"
-                )
-        model = cls(TinyMDMConfig(**json.loads(config_file.read_text())))
-        model.load_state_dict(load_file(str(weights_file)))
-        return model
+
+def _read_config(directory: Path) -> TinyMDMConfig:
+    for name in ("config.json", "model.safetensors"):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(
+                f"tiny MDM checkpoint file not found: {directory / name}; pass a directory written by "
+                "TinyMDM.save_pretrained, or 'shipped' for the checkpoint in the package"
+            )
+    return TinyMDMConfig(**json.loads((directory / "config.json").read_text()))
