@@ -269,7 +269,8 @@ class CoGRPOModule(pl.LightningModule):
         update_model = phase in ("model", "joint")
         update_schedule = phase in ("schedule", "joint") and any(p.requires_grad for p in self.policy.parameters())
 
-        self.mdm.train()
+        # the MDM stays in eval mode: dropout would make the replayed log-probs differ from the
+        # rollout's, so the ratio before the first update would not be 1
         for step_index in steps:
             loss = advantages.new_zeros(())
             if update_model:
@@ -307,9 +308,11 @@ class CoGRPOModule(pl.LightningModule):
                     trajectory.actions[step_index], step_index, trajectory.num_steps,
                     features=features, prompt_embedding=prompt_embedding,
                 )
+                # a sample whose canvas was already full at this step could not be affected by its action
+                active = valid_mask & trajectory.active_samples(step_index)
                 result = clipped_surrogate(
                     schedule_log_probs, trajectory.old_schedule_log_probs[step_index], advantages,
-                    hp.schedule_clip, hp.schedule_clip, sample_mask=valid_mask, level="step",
+                    hp.schedule_clip, hp.schedule_clip, sample_mask=active, level="step",
                 )
                 loss = loss + result.loss
                 _append(stats, "schedule", result)
@@ -323,7 +326,6 @@ class CoGRPOModule(pl.LightningModule):
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             stats.setdefault(f"grad_norm/{group['name']}", []).append(norm.detach())
         optimizer.step()
-        self.mdm.eval()
 
     def _kl_to_reference(
         self, trajectory: Trajectory, step_index: int, token_log_probs: Tensor, fill_mask: Tensor, prompts: list[str]

@@ -36,7 +36,11 @@ def _article(word: str) -> str:
 
 
 def random_record(rng: random.Random) -> dict[str, Any]:
-    """TEMPORARY grammar sampler; replaced by the prompt generator's."""
+    """Draw a GenEval-grammar record of any tag and any composition, train and held-out alike.
+
+    Pretraining sees every composition: the train/held-out split only separates the prompts of
+    the RL stage. Unlike the benchmark's colour-attribute prompts, both objects may share a colour.
+    """
     tag = rng.choice(("single_object", "two_object", "counting", "colors", "position", "color_attr"))
     a, b = rng.sample(world.SHAPES, 2)
     ca, cb = rng.choice(world.COLOR_NAMES), rng.choice(world.COLOR_NAMES)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from cogrpo_lightning.benchmarks.shapes import world
 from cogrpo_lightning.mdm.base import Condition, MaskedDiffusionModel
+from cogrpo_lightning.schedule.predefined import PredefinedSchedule
 
 _GRAMMAR_WORDS = (
     "a an photo of and left right above below two three four".split()
@@ -130,6 +131,10 @@ class TinyMDM(MaskedDiffusionModel):
     @property
     def condition_dim(self) -> int:
         return self.config.hidden_size
+
+    def default_schedule(self) -> PredefinedSchedule:
+        """MaskGIT's schedule (cosine ratio, tau_s = 1, tau_r from 2 to 0) with CFG scale 3."""
+        return PredefinedSchedule(cfg_scale=3.0)
 
     def encode_prompts(self, prompts: Sequence[str]) -> Condition:
         ids = self.tokenizer(prompts).to(self.text_position.device)  # [N, K]
