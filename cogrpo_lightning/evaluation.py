@@ -91,7 +91,7 @@ class HeldOutEvaluator:
 
     def _columns(self, module: CoGRPOModule) -> list[tuple[str, str, int]]:
         """Return (column name, schedule kind, steps) for this validation run."""
-        baseline_needed = self.baseline is None or module.trainer.sanity_checking
+        baseline_needed = self.baseline is None
         columns = []
         for steps in self.step_counts:
             if baseline_needed:
@@ -133,7 +133,7 @@ class HeldOutEvaluator:
             return None
         reduced = {name: module.trainer.strategy.reduce(sums, reduce_op="sum") for name, sums in self._sums.items()}
         scores = {name: _accuracies(sums) for name, sums in reduced.items()}
-        counts = {tag: int(c) for tag, c in zip(TAGS, next(iter(reduced.values()))[1].tolist()) if c > 0}
+        counts = {tag: int(c) for tag, c in zip(TAGS, next(iter(reduced.values()))[1].tolist(), strict=True) if c > 0}
         if store_as_baseline:
             self.baseline = {"scores": {k: v for k, v in scores.items() if k.startswith("base_")}, "counts": counts}
             rank_zero_info("Held-out baseline (base model, predefined schedule):")

@@ -33,6 +33,7 @@ from cogrpo_lightning.grpo import (
     clipped_surrogate,
     group_advantages,
     kl_k3,
+    masked_mean,
     validate_group_size,
 )
 from cogrpo_lightning.mdm.base import MaskedDiffusionModel
@@ -42,6 +43,9 @@ from cogrpo_lightning.schedule.knobs import KNOB_NAMES
 from cogrpo_lightning.schedule.policy import SchedulePolicy
 from cogrpo_lightning.schedule.predefined import PredefinedSchedule
 from cogrpo_lightning.trajectory import Trajectory
+
+# checkpoints pickle the schedule in their hyper-parameters; allow it under torch.load(weights_only=True)
+torch.serialization.add_safe_globals([PredefinedSchedule])
 
 OPTIMIZATION_MODES = ("alternating", "joint", "model_only", "schedule_only")
 Phase = Literal["model", "schedule", "joint"]
@@ -165,6 +169,11 @@ class CoGRPOModule(pl.LightningModule):
             feature_dim=mdm.feature_dim if schedule_head == "state" else None,
             condition_dim=mdm.condition_dim if schedule_head == "state" else None,
         )
+        if mode in ("alternating", "schedule_only") and not any(p.requires_grad for p in self.policy.parameters()):
+            raise ValueError(
+                f"model.mode={mode!r} trains the schedule policy, but model.frozen_knobs freezes all four knobs; "
+                "unfreeze a knob or use mode=model_only"
+            )
         # a frozen copy of the initial MDM for the KL penalty; kept out of the optimizer and checkpoint
         self._reference: list[MaskedDiffusionModel] = []
         if kl_beta > 0:
@@ -189,6 +198,27 @@ class CoGRPOModule(pl.LightningModule):
              "lr": hp.schedule_lr, "weight_decay": hp.schedule_weight_decay},
         ]
         return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.999))
+
+    def configure_model(self) -> None:
+        """Shard the MDM with FSDP2 when the trainer uses ``ModelParallelStrategy``; otherwise do nothing.
+
+        The adapter's ``fsdp_units()`` are sharded first, then the adapter itself. The schedule
+        policy stays replicated: its gradients are averaged over ranks in each update.
+        """
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        if self._reference:
+            raise ValueError("model.kl_beta > 0 is not supported with ModelParallelStrategy (FSDP2); set it to 0")
+        mesh = self.device_mesh["data_parallel"]
+        for unit in self.mdm.fsdp_units():
+            fully_shard(unit, mesh=mesh)
+        fully_shard(self.mdm, mesh=mesh)
+        # FSDP2 gathers the root's parameters only around forward(); the adapter's other entry
+        # points read them too, so they get the same hooks.
+        for method in ("encode_prompts", "forward_with_features"):
+            register_fsdp_forward_method(self.mdm, method)
 
     def on_fit_start(self) -> None:
         for reference in self._reference:
@@ -318,6 +348,13 @@ class CoGRPOModule(pl.LightningModule):
                 _append(stats, "schedule", result)
             self.manual_backward(loss / len(steps))
 
+        if self.device_mesh is not None:
+            # ModelParallelStrategy wraps nothing in DDP, so the replicated schedule policy's gradients
+            # are averaged here; the FSDP2-sharded MDM reduces its own
+            for parameter in self.policy.parameters():
+                if parameter.grad is not None:
+                    parameter.grad = self.trainer.strategy.reduce(parameter.grad, reduce_op="mean")
+
         for group in optimizer.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -336,7 +373,7 @@ class CoGRPOModule(pl.LightningModule):
                 reference, prompts, self.hparams.group_size, negative_prompt=self.hparams.negative_prompt
             )
             ref_log_probs, _, _ = recompute_log_probs(reference, trajectory, step_index, condition, negative)
-        return kl_k3(token_log_probs, ref_log_probs, mask=fill_mask)
+        return masked_mean(kl_k3(token_log_probs, ref_log_probs, mask=fill_mask), fill_mask)
 
     def _train_steps(self, generator: torch.Generator) -> list[int]:
         total = self.hparams.num_steps
@@ -379,8 +416,12 @@ class CoGRPOModule(pl.LightningModule):
             if self.policy.free_knobs and not self.policy.uses_features and not self.policy.uses_prompt_embedding
             else torch.tensor(0.0),
         }
-        for name, values in stats.items():
-            panel[name] = torch.stack(values).float().mean()
+        # Per-policy statistics go straight to the loggers: through self.log, a policy idle in this
+        # alternating phase would re-send its value from the previous step.
+        per_policy = {name: torch.stack(values).float().mean().item() for name, values in stats.items()}
+        if self.trainer.is_global_zero and per_policy:
+            for logger in self.loggers:
+                logger.log_metrics(per_policy, step=self.global_step)
         for group in self.optimizers().param_groups:
             panel[f"lr/{group['name']}"] = group["lr"]
         knobs = trajectory.knobs.float().mean(dim=1)  # [T, S], mean over samples
@@ -400,10 +441,12 @@ class CoGRPOModule(pl.LightningModule):
         self.evaluator.reset()
 
     def on_validation_epoch_end(self) -> None:
-        baseline = self.trainer.sanity_checking
-        table = self.evaluator.finish(self, store_as_baseline=baseline)
-        if table is not None and not baseline:
-            self.log_dict(table.metrics(), sync_dist=False)
+        # the sanity check before training measures the base model; a resumed run keeps the stored one
+        sanity = self.trainer.sanity_checking
+        table = self.evaluator.finish(self, store_as_baseline=sanity and self.evaluator.baseline is None)
+        if table is not None and not sanity:
+            # the values are already reduced over devices; sync_dist only keeps Lightning from warning
+            self.log_dict(table.metrics(), sync_dist=True)
 
     # ---------------------------------------------------------------- checkpoints and export
 

@@ -110,6 +110,10 @@ class MaskedDiffusionModel(nn.Module, ABC):
 
         return PredefinedSchedule()
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """Submodules that FSDP2 shards one by one (transformer blocks); the default is none."""
+        return []
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the RL update trains (by default every parameter with requires_grad)."""
         return [p for p in self.parameters() if p.requires_grad]

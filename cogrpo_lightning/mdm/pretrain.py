@@ -26,7 +26,6 @@ from cogrpo_lightning.benchmarks.shapes import world
 from cogrpo_lightning.mdm.masking import cosine_mask_ratio, mask_tokens, masked_token_loss
 from cogrpo_lightning.mdm.tiny import TinyMDM, TinyMDMConfig
 
-
 _NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 _RELATIONS = ("left of", "right of", "above", "below")
 
@@ -138,7 +137,7 @@ class MaskedTokenPretraining(pl.LightningModule):
 
         # drop prompts so that the empty prompt learns the unconditional distribution
         drop = torch.rand(len(prompts)) < self.hparams["condition_dropout"]
-        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
 
         # mask a cosine-scheduled fraction of each row, at least one token
         ratio = cosine_mask_ratio(torch.rand(len(prompts), device=token_ids.device))

@@ -132,6 +132,9 @@ class TinyMDM(MaskedDiffusionModel):
     def condition_dim(self) -> int:
         return self.config.hidden_size
 
+    def fsdp_units(self) -> list[nn.Module]:
+        return [*self.text_encoder.layers, *self.backbone.layers]
+
     def default_schedule(self) -> PredefinedSchedule:
         """MaskGIT's schedule (cosine ratio, tau_s = 1, tau_r from 2 to 0) with CFG scale 3."""
         return PredefinedSchedule(cfg_scale=3.0)
