@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -69,3 +71,31 @@ class RewardModel(nn.Module, ABC):
     @abstractmethod
     def score(self, images: Tensor, prompts: list[str], metadata: list[Mapping[str, Any]]) -> Tensor:
         """Score validated images; return [N] with NaN for unscorable samples."""
+
+
+_logger = logging.getLogger(__name__)
+# Scorers that have already logged a truncation. The set is weak, so a deleted scorer leaves it.
+_scorers_with_truncation_logged: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def log_truncation_once(scorer: nn.Module, token_counts: Sequence[int], max_tokens: int) -> None:
+    """Warn the first time ``scorer`` truncates a prompt to its text encoder's ``max_tokens`` limit.
+
+    ``token_counts`` are the untruncated token counts (special tokens included) of one batch of
+    prompts. The warning names the scorer, the limit and the longest prompt, and is logged at most
+    once per scorer instance so that a long run does not repeat it every step.
+    """
+    too_long = [count for count in token_counts if count > max_tokens]
+    if not too_long or scorer in _scorers_with_truncation_logged:
+        return
+    _scorers_with_truncation_logged.add(scorer)
+    _logger.warning(
+        "%s: %d of %d prompts are longer than the text encoder limit of %d tokens (longest: %d tokens) "
+        "and were truncated to %d tokens; later truncations by this scorer are not logged",
+        type(scorer).__name__,
+        len(too_long),
+        len(token_counts),
+        max_tokens,
+        max(too_long),
+        max_tokens,
+    )
