@@ -57,7 +57,10 @@ class CoGRPOModule(pl.LightningModule):
     Args:
         mdm: the masked diffusion model adapter; None loads the tiny shapes-world MDM shipped with
             the package.
-        reward: the reward model; None uses the exact shapes-world GenEval reward.
+        reward: the training reward model; None uses the exact shapes-world GenEval reward
+            (1 for a correct image, 0 otherwise). Its weights are not saved in checkpoints.
+        eval_reward: the correctness scorer of held-out evaluation (1 correct, 0 wrong); None uses
+            the exact shapes-world GenEval reward.
         group_size: G, samples per prompt (linked to ``data.group_size`` by the CLI), at least 2.
         num_steps: T, sampling steps of every rollout.
         predefined_schedule: the hand-designed schedule that a zero schedule action reproduces;
@@ -101,6 +104,7 @@ class CoGRPOModule(pl.LightningModule):
         self,
         mdm: MaskedDiffusionModel | None = None,
         reward: RewardModel | None = None,
+        eval_reward: RewardModel | None = None,
         group_size: int = 8,
         num_steps: int = 16,
         predefined_schedule: PredefinedSchedule | None = None,
@@ -146,19 +150,23 @@ class CoGRPOModule(pl.LightningModule):
             rates={"model_lr": model_lr, "schedule_lr": schedule_lr},
             clips={"clip_low": clip_low, "clip_high": clip_high, "schedule_clip": schedule_clip},
         )
-        self.save_hyperparameters(ignore=["mdm", "reward"])
+        self.save_hyperparameters(ignore=["mdm", "reward", "eval_reward"])
         self.automatic_optimization = False
 
         if mdm is None:
             from cogrpo_lightning.mdm.tiny import TinyMDM
 
             mdm = TinyMDM.from_pretrained()
-        if reward is None:
+        if reward is None or eval_reward is None:
             from cogrpo_lightning.rewards.shapes import ShapesGenEvalReward
 
-            reward = ShapesGenEvalReward()
+            reward = reward if reward is not None else ShapesGenEvalReward()
+            eval_reward = eval_reward if eval_reward is not None else ShapesGenEvalReward(mode="correct")
+        _link_reward_group_size(reward, group_size)
         self.mdm = mdm
-        self.reward = reward
+        # Reward models are frozen and can be large (HPS v2 is a ViT-H), so they are kept out of the
+        # module's submodules and therefore out of checkpoints; setup() moves them to the device.
+        self._reward_models = (reward, eval_reward)
         self.predefined_schedule = predefined_schedule or mdm.default_schedule()
         self.policy = SchedulePolicy(
             num_steps,
@@ -184,10 +192,25 @@ class CoGRPOModule(pl.LightningModule):
             images_per_prompt=eval_images_per_prompt,
             negative_prompt=negative_prompt,
             seed=seed,
+            scorer=eval_reward,
         )
         self.num_updates = 0  # training steps taken, drives the alternating phases
 
+    @property
+    def reward(self) -> RewardModel:
+        """The training reward model."""
+        return self._reward_models[0]
+
+    @property
+    def eval_reward(self) -> RewardModel:
+        """The correctness scorer of held-out evaluation."""
+        return self._reward_models[1]
+
     # ---------------------------------------------------------------- configuration
+
+    def setup(self, stage: str) -> None:
+        for reward in self._reward_models:
+            reward.to(self.device)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
@@ -429,6 +452,9 @@ class CoGRPOModule(pl.LightningModule):
             panel[f"schedule/{name}/mean"] = knobs[:, k].mean()
             panel[f"schedule/{name}/first_step"] = knobs[0, k]
             panel[f"schedule/{name}/last_step"] = knobs[-1, k]
+        log_metrics = getattr(self.reward, "log_metrics", None)
+        if callable(log_metrics):
+            panel.update(log_metrics())  # rewards/<name>/mean and std of a weighted combination
         self.log_dict(panel, prog_bar=False, batch_size=trajectory.num_samples)
         self.log("reward", panel["reward/mean"], prog_bar=True, batch_size=trajectory.num_samples)
 
@@ -465,6 +491,20 @@ class CoGRPOModule(pl.LightningModule):
     def export_schedule(self, num_steps: int | None = None) -> dict[str, list[float]]:
         """Return the learned mean schedule as plain per-step knob values (see SchedulePolicy)."""
         return self.policy.export_schedule(num_steps)
+
+
+def _link_reward_group_size(reward: RewardModel, group_size: int) -> None:
+    """Give a reward that normalises per group (``normalize_then_sum``) the module's group size."""
+    if not hasattr(reward, "group_size"):
+        return
+    current = reward.group_size
+    if current is None:
+        reward.group_size = group_size
+    elif current != group_size:
+        raise ValueError(
+            f"model.reward has group_size={current} but data.group_size is {group_size}; "
+            "remove the reward's group_size so that it follows data.group_size"
+        )
 
 
 def _append(stats: dict[str, list[Tensor]], policy: str, result: Any) -> None:
