@@ -4,7 +4,7 @@ learned schedule, at the evaluation step count T and at a quarter of it.
 The baseline columns are measured once, before training, by Lightning's sanity check over the whole
 validation set (``num_sanity_val_steps: -1``), and stored in the checkpoint. Without them (for
 example ``validate`` on a module that never trained) the current model with the predefined schedule
-stands in, and the table says so.
+is scored in their place, and the table is labelled accordingly.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class HeldOutEvaluator:
         num_steps: the evaluation step count T; a quarter of it (at least 1) is evaluated too.
         images_per_prompt: images generated per prompt.
         negative_prompt: unconditional prompt for classifier-free guidance.
-        seed: seed of the evaluation generators; every configuration sees the same seeds per batch.
+        seed: seed of the evaluation generators; every configuration uses the same seed for a batch.
         scorer: correctness reward; None uses the module's reward model.
     """
 

@@ -88,7 +88,7 @@ class CoGRPOModule(pl.LightningModule):
         clip_high: epsilon above 1 of the ratio clip range.
         schedule_clip: epsilon of the symmetric ratio clip range of the schedule policy.
         loss_level: ``token`` (a ratio per filled token) or ``step`` (one ratio per sample and step)
-            for the model policy; the schedule policy always has one ratio per sample and step.
+            for the model policy. The schedule policy always has one ratio per sample and step.
         advantage_scale: ``group`` (divide by each group's reward std), ``batch`` or ``none``.
         advantage_clip: clip advantages to [-advantage_clip, advantage_clip]; None disables.
         kl_beta: weight of the k3 KL penalty to a frozen copy of the initial MDM; 0 keeps no copy.
@@ -164,8 +164,8 @@ class CoGRPOModule(pl.LightningModule):
             eval_reward = eval_reward if eval_reward is not None else ShapesGenEvalReward(mode="correct")
         _link_reward_group_size(reward, group_size)
         self.mdm = mdm
-        # Reward models are frozen and can be large (HPS v2 is a ViT-H), so they are kept out of the
-        # module's submodules and therefore out of checkpoints; setup() moves them to the device.
+        # Reward models are frozen and can be large (HPS v2 is a ViT-H). They are kept out of the
+        # module's submodules, and so out of checkpoints, and setup() moves them to the device.
         self._reward_models = (reward, eval_reward)
         self.predefined_schedule = predefined_schedule or mdm.default_schedule()
         self.policy = SchedulePolicy(

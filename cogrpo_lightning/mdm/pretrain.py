@@ -37,8 +37,8 @@ def _article(word: str) -> str:
 def random_record(rng: random.Random) -> dict[str, Any]:
     """Draw a GenEval-grammar record of any tag and any composition, train and held-out alike.
 
-    Pretraining sees every composition: the train/held-out split only separates the prompts of
-    the RL stage. Unlike the benchmark's colour-attribute prompts, both objects may share a colour.
+    Pretraining draws from every composition, because the train/held-out split only separates
+    the prompts of the RL stage. Unlike the benchmark's colour-attribute prompts, both objects may share a colour.
     """
     tag = rng.choice(("single_object", "two_object", "counting", "colors", "position", "color_attr"))
     a, b = rng.sample(world.SHAPES, 2)
