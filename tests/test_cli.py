@@ -168,3 +168,14 @@ def test_pretrain_writes_checkpoint(tmp_path: Path) -> None:
     assert (save_dir / "model.safetensors").is_file()
     loaded = TinyMDM(checkpoint_dir=str(save_dir))
     assert loaded.config == TinyMDMConfig(hidden_size=32, num_layers=1, num_heads=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs" / "shapes").glob("*.yaml")))
+def test_shipped_config_parses(config: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cogrpo_lightning", "fit", "--config", f"configs/shapes/{config}", "--print_config"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "class_path" in result.stdout
