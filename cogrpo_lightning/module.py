@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from cogrpo_lightning.evaluation import HeldOutEvaluator
@@ -195,6 +195,7 @@ class CoGRPOModule(pl.LightningModule):
             scorer=eval_reward,
         )
         self.num_updates = 0  # training steps taken, drives the alternating phases
+        self._checkpoint_hparams: dict[str, Any] = {}
 
     @property
     def reward(self) -> RewardModel:
@@ -254,6 +255,25 @@ class CoGRPOModule(pl.LightningModule):
             f"Co-GRPO: mode={hp.mode}, T={hp.num_steps} steps, group size G={hp.group_size} on "
             f"{world} device(s); each prompt's group stays on one device"
         )
+
+    def on_train_start(self) -> None:
+        # A resumed run restores the optimizer's learning rates from the checkpoint; options that
+        # changed since are applied here, visibly, instead of being dropped.
+        for group in self.optimizers().param_groups:
+            requested = self.hparams[f"{group['name']}_lr"]
+            if group["lr"] != requested:
+                rank_zero_warn(
+                    f"model.{group['name']}_lr is {requested} but the restored optimizer has {group['lr']}; "
+                    f"training continues with {requested}"
+                )
+                group["lr"] = requested
+        saved = self._checkpoint_hparams
+        for name in ("group_size", "num_steps", "mode"):
+            if saved and name in saved and saved[name] != self.hparams[name]:
+                rank_zero_warn(
+                    f"model.{name} is {self.hparams[name]!r} but the checkpoint was trained with "
+                    f"{saved[name]!r}; the resumed run uses {self.hparams[name]!r}"
+                )
 
     def _phase(self) -> Phase:
         mode = self.hparams.mode
@@ -444,7 +464,8 @@ class CoGRPOModule(pl.LightningModule):
         per_policy = {name: torch.stack(values).float().mean().item() for name, values in stats.items()}
         if self.trainer.is_global_zero and per_policy:
             for logger in self.loggers:
-                logger.log_metrics(per_policy, step=self.global_step)
+                # the step that self.log uses for this batch; global_step has already counted the update
+                logger.log_metrics(per_policy, step=self.trainer.fit_loop.epoch_loop._batches_that_stepped)
         for group in self.optimizers().param_groups:
             panel[f"lr/{group['name']}"] = group["lr"]
         knobs = trajectory.knobs.float().mean(dim=1)  # [T, S], mean over samples
@@ -484,6 +505,7 @@ class CoGRPOModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._checkpoint_hparams = dict(checkpoint.get("hyper_parameters", {}))
         state = checkpoint.get("cogrpo", {})
         self.num_updates = int(state.get("num_updates", 0))
         self.evaluator.baseline = state.get("baseline")
