@@ -114,7 +114,7 @@ class HeldOutEvaluator:
         scorer = self.scorer if self.scorer is not None else module.reward
         module.mdm.eval()
         for name, kind, steps in self._columns(module):
-            policy = module.policy if kind == "learned" else _predefined_policy(module, steps)
+            policy = module.policy if kind == "learned" else predefined_policy(module, steps)
             generator = torch.Generator(device=module.device)
             generator.manual_seed(self.seed * 1_000_003 + batch_idx * 7919 + module.global_rank)
             trajectory = rollout(
@@ -164,7 +164,7 @@ def _accuracies(sums: Tensor) -> dict[str, float]:
     return result
 
 
-def _predefined_policy(module: CoGRPOModule, num_steps: int) -> SchedulePolicy:
+def predefined_policy(module: CoGRPOModule, num_steps: int) -> SchedulePolicy:
     """A policy whose every knob is frozen, so it returns the predefined schedule exactly."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "all four knobs are frozen" is the point here

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from cogrpo_lightning.data.readers import (
     read_prompts,
     safe_filename,
 )
+from cogrpo_lightning.evaluation import predefined_policy
 from cogrpo_lightning.module import CoGRPOModule
 from cogrpo_lightning.sampling import rollout
 from cogrpo_lightning.schedule.knobs import KNOB_NAMES
@@ -375,11 +375,7 @@ def _schedule_policy(module: CoGRPOModule, schedule: str, num_steps: int) -> Sch
     _check_schedule_kind(schedule)
     if schedule == "learned":
         return module.policy
-    with warnings.catch_warnings():
-        # SchedulePolicy warns that all four knobs are frozen, which is what "predefined" means
-        warnings.simplefilter("ignore", UserWarning)
-        policy = SchedulePolicy(num_steps, module.predefined_schedule, frozen_knobs=KNOB_NAMES)
-    return policy.to(module.device)
+    return predefined_policy(module, num_steps)
 
 
 def _resolve_num_steps(module: CoGRPOModule, num_steps: int | None) -> int:
