@@ -448,6 +448,12 @@ class CoGRPOModule(pl.LightningModule):
         stats: dict[str, list[Tensor]],
     ) -> None:
         finite = rewards[torch.isfinite(rewards)]
+        # The per-step head's std is the same at every step, so step 0 gives the schedule's entropy;
+        # a head that reads features or prompts has no single value to log.
+        schedule_entropy = torch.tensor(0.0)
+        if self.policy.free_knobs and not self.policy.uses_features and not self.policy.uses_prompt_embedding:
+            schedule_entropy = self.policy.entropy(0, trajectory.num_steps, 1).mean()
+
         panel: dict[str, float | Tensor] = {
             "reward/mean": finite.mean() if finite.numel() else torch.tensor(float("nan")),
             "reward/std": finite.std(unbiased=False) if finite.numel() else torch.tensor(float("nan")),
@@ -455,10 +461,9 @@ class CoGRPOModule(pl.LightningModule):
             "reward/num_nan": float(advantage.num_nan_rewards),
             "train/phase_is_model": float(phase in ("model", "joint")),
             "entropy/model_sampled_nll": -trajectory.old_token_log_probs.mean(),
-            "entropy/schedule": self.policy.entropy(0, trajectory.num_steps, 1).mean()
-            if self.policy.free_knobs and not self.policy.uses_features and not self.policy.uses_prompt_embedding
-            else torch.tensor(0.0),
+            "entropy/schedule": schedule_entropy,
         }
+
         # Per-policy statistics go straight to the loggers: through self.log, a policy idle in this
         # alternating phase would re-send its value from the previous step.
         per_policy = {name: torch.stack(values).float().mean().item() for name, values in stats.items()}
@@ -466,6 +471,7 @@ class CoGRPOModule(pl.LightningModule):
             for logger in self.loggers:
                 # the step that self.log uses for this batch; global_step has already counted the update
                 logger.log_metrics(per_policy, step=self.trainer.fit_loop.epoch_loop._batches_that_stepped)
+
         for group in self.optimizers().param_groups:
             panel[f"lr/{group['name']}"] = group["lr"]
         knobs = trajectory.knobs.float().mean(dim=1)  # [T, S], mean over samples

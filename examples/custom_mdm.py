@@ -132,7 +132,7 @@ def redness(images: Tensor) -> Tensor:
 
 
 class RednessReward(RewardModel):
-    """Training reward: the redness of each image, whatever the prompt asks for."""
+    """Training reward: the redness of each image, regardless of the prompt."""
 
     name = "redness"
 

@@ -1,7 +1,7 @@
 """Test-wide settings: one CPU thread per process.
 
-The tests run many small models; with several threads per process (and two processes in the
-distributed tests) the threads contend for the cores and tiny forwards become much slower.
+The tests run many small models. With several threads per process, and two processes in the
+distributed tests, the threads contend for the cores and tiny forwards become much slower.
 """
 
 import os

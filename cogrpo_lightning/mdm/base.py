@@ -111,7 +111,7 @@ class MaskedDiffusionModel(nn.Module, ABC):
         return PredefinedSchedule()
 
     def fsdp_units(self) -> list[nn.Module]:
-        """Submodules that FSDP2 shards one by one (transformer blocks); the default is none."""
+        """Return the submodules that FSDP2 shards one by one (transformer blocks); the default returns []."""
         return []
 
     def trainable_parameters(self) -> list[nn.Parameter]:
